@@ -1,0 +1,26 @@
+"""Backend names and the factory the model uses for every attention layer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flowar.attention.base import AttentionBackend
+from flowar.attention.exact import ExactAttention
+
+if TYPE_CHECKING:
+    from flowar.config import AttentionConfig
+
+# TODO(#3): add "poly", "performer" and "auto" here once their modules exist.
+BACKENDS: dict[str, type[AttentionBackend]] = {"exact": ExactAttention}
+
+
+def build_backend(config: AttentionConfig, head_dim: int) -> AttentionBackend:
+    """Build the backend named by ``config.backend`` for heads of width ``head_dim``."""
+    try:
+        cls = BACKENDS[config.backend]
+    except KeyError:
+        known = ", ".join(sorted(BACKENDS))
+        raise ValueError(f"unknown attention backend {config.backend!r}; known: {known}") from None
+    if cls is ExactAttention:
+        return ExactAttention(head_dim)
+    return cls.from_config(config, head_dim)  # type: ignore[attr-defined]

@@ -1,0 +1,1 @@
+"""Command-line interface (imports the library, never the reverse)."""
