@@ -11,6 +11,7 @@ the MAR KL-16 VAE in :mod:`flowar.codecs.kl16`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flowar.errors import UserError
@@ -68,27 +69,36 @@ class Codec(nn.Module):
 class PixelCodec(Codec):
     """Identity codec: the latent is the image rescaled from [0, 1] to [-1, 1].
 
+    With ``patch_size`` p > 1 every p x p patch becomes one token of C * p * p channels
+    (space-to-depth, :func:`torch.nn.functional.pixel_unshuffle`), which divides the token count
+    by p * p without losing any information.
+
     Args:
-        image_channels: channels of the images (and so of the latents), e.g. 1 for MNIST.
+        image_channels: channels of the images, e.g. 1 for MNIST.
+        patch_size: pixels per latent cell along each side.
     """
 
-    def __init__(self, image_channels: int = 1) -> None:
+    def __init__(self, image_channels: int = 1, patch_size: int = 1) -> None:
         super().__init__()
         if image_channels < 1:
             raise UserError(f"image_channels must be >= 1, got {image_channels}")
+        if patch_size < 1:
+            raise UserError(f"patch_size must be >= 1, got {patch_size}")
         self.image_channels = int(image_channels)
-        self.channels = int(image_channels)
-        self.stride = 1
+        self.patch_size = int(patch_size)
+        self.channels = self.image_channels * self.patch_size**2
+        self.stride = self.patch_size
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> latents ``2 * images - 1`` in [-1, 1] (same shape)."""
+        """Images (B, C, H, W) in [0, 1] -> latents 2 * images - 1, (B, C*p*p, H/p, W/p)."""
         self.check_images(images)
-        return images * 2.0 - 1.0
+        return F.pixel_unshuffle(images * 2.0 - 1.0, self.patch_size)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> ``(latents + 1) / 2`` clamped to [0, 1] (same shape)."""
+        """Latents (B, C*p*p, h, w) -> images (B, C, h*p, w*p), (x + 1) / 2 clamped to [0, 1]."""
         self.check_latents(latents)
-        return ((latents + 1.0) * 0.5).clamp(0.0, 1.0)
+        images = F.pixel_shuffle(latents, self.patch_size)
+        return ((images + 1.0) * 0.5).clamp(0.0, 1.0)
 
     def extra_repr(self) -> str:
-        return f"image_channels={self.image_channels}"
+        return f"image_channels={self.image_channels}, patch_size={self.patch_size}"
