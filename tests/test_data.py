@@ -242,3 +242,12 @@ def test_image_dataset_validates():
         ImageDataset(images, torch.tensor([0, 1, 2]), 2, ("a", "b"), "x")
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         ImageDataset(images + 2, labels, 2, ("a", "b"), "x")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="dataset-fashion-mnist (apt) is not installed")
+def test_real_fashion_mnist_test_split(monkeypatch):
+    monkeypatch.delenv("FLOWAR_FASHION_MNIST_DIR", raising=False)
+    test = load_dataset("fashion-mnist", split="test")
+    assert test.images.shape == (10000, 1, 28, 28)
+    assert test.labels.bincount().tolist() == [1000] * 10
