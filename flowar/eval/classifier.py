@@ -166,7 +166,7 @@ def train_classifier(
     batch_size: int = 128,
     lr: float = 2e-3,
     weight_decay: float = 1e-4,
-    shift: int = 1,
+    shift: int | None = None,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> Classifier:
@@ -178,7 +178,8 @@ def train_classifier(
         dataset: training images and labels.
         config: network shape; None derives it from ``dataset`` with default widths.
         epochs, batch_size, lr, weight_decay: optimisation settings.
-        shift: augmentation: random translation of up to this many pixels (0 = none).
+        shift: augmentation: random translation of up to this many pixels (0 = none);
+            None picks ``image_size // 16`` (1 pixel at 16-31 px, none for 8x8 digits).
         seed: seeds weight initialisation, batch order, augmentation and dropout.
         progress: called after every step with (step, total_steps, loss).
 
@@ -194,6 +195,8 @@ def train_classifier(
     _require(_is_int(batch_size) and batch_size >= 1,
              f"batch_size must be a positive integer, got {batch_size!r}")
     _require(math.isfinite(lr) and lr > 0, f"lr must be a positive number, got {lr!r}")
+    if shift is None:
+        shift = config.image_size // 16
     _require(_is_int(shift) and shift >= 0, f"shift must be an integer >= 0, got {shift!r}")
     _require(len(dataset) >= 1, "cannot train a classifier on an empty data set")
 
