@@ -17,7 +17,9 @@ import torch
 
 from flowar.data import sources
 from flowar.data.base import (
+    SPLIT_SEED,
     SPLITS,
+    TEST_FRACTION,
     ImageDataset,
     check_image_size,
     check_split,
@@ -71,16 +73,14 @@ def load_dataset(
 
     if name == "mnist":
         pixels, labels, class_names = sources.load_mnist_5k()
-        keep = stratified_split(labels, split, test_fraction=sources.TEST_FRACTION,
-                                seed=sources.SPLIT_SEED)
+        keep = stratified_split(labels, split, test_fraction=TEST_FRACTION, seed=SPLIT_SEED)
         images, targets = _from_arrays(pixels[keep], labels[keep], 255.0, image_size)
     elif name == "fashion-mnist":
         pixels, labels, class_names = sources.load_fashion_mnist(split)
         images, targets = _from_arrays(pixels, labels, 255.0, image_size)
     elif name == "digits":
         pixels, labels, class_names = sources.load_digits()
-        keep = stratified_split(labels, split, test_fraction=sources.TEST_FRACTION,
-                                seed=sources.SPLIT_SEED)
+        keep = stratified_split(labels, split, test_fraction=TEST_FRACTION, seed=SPLIT_SEED)
         images, targets = _from_arrays(pixels[keep], labels[keep], 1.0, image_size)
     else:
         if name.startswith(FOLDER_PREFIX):

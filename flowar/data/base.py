@@ -16,6 +16,11 @@ from flowar.errors import ConfigError
 
 SPLITS = ("train", "test", "all")
 
+# The fixed per-class train/test split of data sets that have no official one (MNIST-5k,
+# digits, image folders): this share of each class, shuffled with this seed, is "test".
+TEST_FRACTION = 0.1
+SPLIT_SEED = 0
+
 # Largest side ``image_size`` may ask for: a guard against typos such as 2560 for 256.
 MAX_IMAGE_SIZE = 4096
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from flowar.data.base import resize, stratified_split
+from flowar.data.base import SPLIT_SEED, TEST_FRACTION, resize, stratified_split
 from flowar.errors import DatasetUnavailable
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def load_image_folder(
     all_grey = all(grey for _, grey in decoded)
     channels = 1 if all_grey else 3
 
-    keep = stratified_split(labels, split, test_fraction=0.1, seed=0)
+    keep = stratified_split(labels, split, test_fraction=TEST_FRACTION, seed=SPLIT_SEED)
     if len(keep) == 0:
         raise DatasetUnavailable(
             f"image folder {root} is too small to hold out a {split!r} split (10 % of each "

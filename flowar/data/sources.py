@@ -23,10 +23,6 @@ from flowar.errors import DatasetUnavailable
 
 logger = logging.getLogger(__name__)
 
-# Seed of the fixed per-class train/test split of the data sets that have no official split.
-SPLIT_SEED = 0
-TEST_FRACTION = 0.1
-
 DIGIT_NAMES = tuple(str(d) for d in range(10))
 FASHION_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
