@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from flowar.attention.auto import AutoAttention
 from flowar.attention.base import AttentionBackend
 from flowar.attention.exact import ExactAttention
+from flowar.attention.performer import PerformerAttention
+from flowar.attention.poly import PolyAttention
 
 if TYPE_CHECKING:
     from flowar.config import AttentionConfig
 
-# TODO(#3): add "poly", "performer" and "auto" here once their modules exist.
-BACKENDS: dict[str, type[AttentionBackend]] = {"exact": ExactAttention}
+BACKENDS: dict[str, type[AttentionBackend]] = {
+    "exact": ExactAttention,
+    "poly": PolyAttention,
+    "performer": PerformerAttention,
+    "auto": AutoAttention,
+}
 
 
 def build_backend(config: AttentionConfig, head_dim: int) -> AttentionBackend:
