@@ -630,6 +630,7 @@ def load_released_generator(
     preset: str | None = None,
     device: str | torch.device = "cpu",
     vae_sample: bool = False,
+    vae_config=None,
 ):
     """A :class:`flowar.pipeline.Generator` from released weights and the MAR KL-16 VAE.
 
@@ -642,6 +643,8 @@ def load_released_generator(
         heads, preset: passed to :func:`load_released`.
         device: where to run.
         vae_sample: make the codec's encode draw from the posterior (decode is unaffected).
+        vae_config: a :class:`flowar.codecs.kl16.KL16Config` for a VAE of other sizes
+            (default: the released KL-16).
     """
     from flowar.codecs.kl16 import load_kl16  # codecs and pipeline sit above io
     from flowar.pipeline import Generator
@@ -651,7 +654,8 @@ def load_released_generator(
     if vae is None:
         raise ConfigError("sampling released weights needs the MAR KL-16 VAE: pass --vae "
                           "kl16.ckpt")
-    codec = load_kl16(vae, sample_posterior=vae_sample, map_location=device).to(device)
+    codec = load_kl16(vae, vae_config, sample_posterior=vae_sample, map_location=device)
+    codec = codec.to(device)
     if codec.channels != loaded.config.channels:
         raise ConfigError(f"the VAE makes {codec.channels}-channel latents but the model "
                           f"expects {loaded.config.channels}")
