@@ -1,0 +1,1 @@
+"""Benchmarks of the attention backends and of whole-model sampling (issue #3)."""
