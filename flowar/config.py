@@ -250,6 +250,13 @@ PRESETS: dict[str, FlowARConfig] = {
         width=1536, encoder_depth=15, decoder_depth=15, num_heads=16, rope_grid=16,
         flow=FlowHeadConfig(width=1536, depth=12, num_heads=24, cross_attention=True),
     ),
+    # The shipped model: MNIST at 16x16 pixels, 2x2 pixel patches as 4-channel tokens on an
+    # 8x8 map, scales 1-2-4-8 (85 tokens). Small enough to train in about an hour on 2 CPU cores.
+    "mnist16": FlowARConfig(
+        scales=(1, 2, 4, 8), channels=4, num_classes=10, width=192, encoder_depth=2,
+        decoder_depth=2, num_heads=6, label_drop_prob=0.1,
+        flow=FlowHeadConfig(width=192, depth=2, num_heads=6, time_embed_dim=128),
+    ),
     # A two-block toy used by tests and examples.
     "tiny": FlowARConfig(
         scales=(1, 2, 4), channels=1, num_classes=10, width=32, encoder_depth=1,
