@@ -54,6 +54,12 @@ class Generator:
     def num_classes(self) -> int:
         return self.model.config.num_classes
 
+    def default_sampling(self, **changes) -> SamplingConfig:
+        """The checkpoint's recommended sampling settings (if any) with ``changes`` applied."""
+        base = dict(self.meta.get("sampling", {}))
+        base.update({k: v for k, v in changes.items() if v is not None})
+        return SamplingConfig(**base)
+
     def check_labels(self, labels: torch.Tensor) -> None:
         """Raise a :class:`UserError` unless every label is a valid class id."""
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -152,5 +158,7 @@ def load_generator(
     codec = build_codec(ckpt.meta.get("codec", {})).to(device)
     meta = dict(ckpt.meta.get("data", {}))
     meta.setdefault("num_classes", config.num_classes)
+    if "sampling" in ckpt.meta:
+        meta["sampling"] = dict(ckpt.meta["sampling"])
     logger.info("loaded %s (%s attention)", path, config.attention.backend)
     return Generator(model, codec, meta)

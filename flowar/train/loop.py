@@ -298,9 +298,19 @@ def write_sample_grid(model: FlowAR, codec, path: Path, per_class: int = 4) -> P
     return save_grid(codec.decode(latents.float()), path, nrow=classes, scale=2)
 
 
-def export_model(checkpoint: str | Path, destination: str | Path) -> Path:
-    """Write a sampling-only copy of a checkpoint: EMA weights as model.safetensors + config."""
+def export_model(
+    checkpoint: str | Path, destination: str | Path, sampling: SamplingConfig | None = None
+) -> Path:
+    """Write a sampling-only copy of a checkpoint: EMA weights as model.safetensors + config.
+
+    Args:
+        checkpoint: a training checkpoint folder.
+        destination: the new folder.
+        sampling: recommended sampling settings, stored as the model's defaults.
+    """
     ckpt = load_checkpoint(checkpoint)
     meta = dict(ckpt.meta)
     meta["source_checkpoint"] = Path(checkpoint).name
+    if sampling is not None:
+        meta["sampling"] = to_dict(sampling)
     return save_checkpoint(destination, ckpt.model_config, ckpt.best_weights(), meta=meta)
