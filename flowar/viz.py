@@ -58,3 +58,40 @@ def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1):
     """Save (B, C, H, W) images in [0, 1] as one PNG grid."""
     return save_png(grid_array(images, nrow), path, scale)
+
+
+def save_progression(
+    per_scale: list[torch.Tensor], path: str | Path, max_rows: int = 10
+) -> Path:
+    """A figure with one row per image and one column per scale (1x1 up to n x n).
+
+    Coarse scales are enlarged with nearest-neighbour so their blocks stay visible.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = min(max_rows, per_scale[0].shape[0])
+    side = per_scale[-1].shape[-1]
+    cols = len(per_scale)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.2 * rows), squeeze=False)
+    for c, images in enumerate(per_scale):
+        big = upscale(images[:rows], side)
+        for r in range(rows):
+            ax = axes[r][c]
+            picture = big[r].permute(1, 2, 0).clamp(0, 1).numpy()
+            ax.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture,
+                      cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{images.shape[-1]}x{images.shape[-1]}", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -172,7 +172,6 @@ def _load_classifier_for(meta: dict[str, Any], path: str | None):
 
 
 def _score(args: argparse.Namespace) -> int:
-    from flowar.config import SamplingConfig
     from flowar.data import load_dataset
     from flowar.eval import evaluate_samples
     from flowar.pipeline import load_generator
@@ -181,9 +180,8 @@ def _score(args: argparse.Namespace) -> int:
         raise UserError(f"--num-samples must be >= 2, got {args.num_samples}")
     batch_size = args.batch_size or DEFAULTS["sample_batch_size"]
     overrides = {k: v for k, v in (("cfg", args.cfg), ("steps", args.steps)) if v is not None}
-    sampling = SamplingConfig(**overrides)
-
     generator = load_generator(args.checkpoint)
+    sampling = generator.default_sampling(**overrides)
     meta = dict(generator.meta)
     if "dataset" not in meta or "image_size" not in meta:
         raise UserError(

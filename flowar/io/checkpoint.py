@@ -132,7 +132,9 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt")
+        raise CheckpointError(
+            f"{path} is not valid JSON ({err}); the checkpoint is corrupt"
+        ) from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} config (format tag missing)")
     return info
@@ -145,7 +147,9 @@ def load_checkpoint(directory: str | Path, *, with_optimizer: bool = False) -> C
     try:
         model_config = model_config_from_dict(info["model"])
     except (KeyError, ConfigError, TypeError) as err:
-        raise CheckpointError(f"{directory}/config.json has an invalid model config: {err}")
+        raise CheckpointError(
+            f"{directory}/config.json has an invalid model config: {err}"
+        ) from None
     if not (directory / "model.safetensors").exists():
         raise CheckpointError(f"{directory} has no model.safetensors")
     weights = read_weights(directory / "model.safetensors")
