@@ -26,6 +26,7 @@ import torch
 
 from flowar.attention.base import AttentionBackend, AttentionState, BlockLayout
 from flowar.attention.poly import PolyAttention
+from flowar.bench.common import wrapped_backends
 from flowar.config import AttentionConfig, SamplingConfig
 from flowar.flow.sampler import generate
 
@@ -98,11 +99,6 @@ class PropagationReport:
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
-def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Every submodule that owns an attention backend (attribute ``backend``)."""
-    return [m for m in model.modules() if isinstance(getattr(m, "backend", None), AttentionBackend)]
-
-
 def propagate_bounds(
     model,
     labels: torch.Tensor | None,
@@ -127,30 +123,23 @@ def propagate_bounds(
     if attention.backend != "poly":
         raise ValueError(f"bounds can be propagated for the poly backend, not {attention.backend}")
     record = PropagationReport()
-    layers = attention_layers(model)
-    originals = [layer.backend for layer in layers]
-    try:
-        for layer in layers:
-            shadow = PolyAttention.from_config(attention, layer.backend.head_dim)
-            layer.backend = _Probe(layer.backend, shadow, record)
-        with torch.enable_grad():
-            # generate() is decorated with no_grad; its undecorated body keeps the graph
-            outputs = generate.__wrapped__(
-                model, labels, sampling, seed=seed, num_images=num_images
+
+    def probe(backend: AttentionBackend) -> _Probe:
+        return _Probe(backend, PolyAttention.from_config(attention, backend.head_dim), record)
+
+    with wrapped_backends(model, probe), torch.enable_grad():
+        # generate() is decorated with no_grad; its undecorated body keeps the graph
+        outputs = generate.__wrapped__(model, labels, sampling, seed=seed, num_images=num_images)
+        picked = outputs[-1:] if last_scale_only else outputs
+        y = torch.cat([o.reshape(-1) for o in picked])
+        gains = torch.zeros(y.numel(), len(record.deltas), dtype=torch.float64)
+        for index in range(y.numel()):
+            grads = torch.autograd.grad(
+                y[index], record.deltas, retain_graph=True, allow_unused=True
             )
-            picked = outputs[-1:] if last_scale_only else outputs
-            y = torch.cat([o.reshape(-1) for o in picked])
-            gains = torch.zeros(y.numel(), len(record.deltas), dtype=torch.float64)
-            for index in range(y.numel()):
-                grads = torch.autograd.grad(
-                    y[index], record.deltas, retain_graph=True, allow_unused=True
-                )
-                for call, g in enumerate(grads):
-                    if g is not None:
-                        gains[index, call] = g.detach().abs().sum().double()
-    finally:
-        for layer, backend in zip(layers, originals):
-            layer.backend = backend
+            for call, g in enumerate(grads):
+                if g is not None:
+                    gains[index, call] = g.detach().abs().sum().double()
     bounds = torch.tensor(record.bounds, dtype=torch.float64)
     record.gains = gains
     record.propagated = float((gains * bounds).sum(dim=1).max())
