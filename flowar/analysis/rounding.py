@@ -59,7 +59,8 @@ def round_significand(x: torch.Tensor, p: int) -> torch.Tensor:
         y.add_(magic).sub_(magic)
     else:
         y = torch.round(y)  # torch.round rounds half to even
-    return torch.ldexp(y.mul_(2.0 ** -(p + 1)), exponent)  # exact unless subnormal
+    out = torch.ldexp(y.mul_(2.0 ** -(p + 1)), exponent)  # exact unless subnormal
+    return out.copysign_(x)  # the magic-number add turns -0.0 into +0.0
 
 
 def is_representable(x: torch.Tensor, p: int) -> bool:
