@@ -41,6 +41,31 @@ class ARCache:
 
 
 @dataclass
+class LossNoise:
+    """The random draws of one :meth:`FlowAR.loss` call, drawn up front so that they can be
+    drawn once for a whole (global) batch and sliced per process in distributed training.
+
+    Attributes:
+        drop: (B,) uniforms; label i is dropped where ``drop[i] < label_drop_prob`` (None: no
+            label dropout).
+        times: per scale, (B,) flow times in [0, 1).
+        noise: per scale, (B, n_k, C) Gaussian noise.
+    """
+
+    drop: torch.Tensor | None
+    times: list[torch.Tensor]
+    noise: list[torch.Tensor]
+
+    def rows(self, index: slice | torch.Tensor) -> LossNoise:
+        """The draws of the batch rows ``index``."""
+        return LossNoise(
+            drop=None if self.drop is None else self.drop[index],
+            times=[t[index] for t in self.times],
+            noise=[n[index] for n in self.noise],
+        )
+
+
+@dataclass
 class FlowLoss:
     """Training loss and its per-scale parts (unweighted)."""
 
@@ -233,8 +258,37 @@ class FlowAR(nn.Module):
         drop = torch.rand(labels.shape, generator=generator, device=labels.device)
         return torch.where(drop < self.config.label_drop_prob, self.config.null_class, labels)
 
+    def draw_loss_noise(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> LossNoise:
+        """The random draws of :meth:`loss` for ``batch`` rows, in the order ``loss`` uses.
+
+        Label-dropout uniforms are drawn only in training mode with ``label_drop_prob > 0``;
+        then, scale by scale, the times (B,) and the noise (B, n_k, C).
+        """
+        device = device if device is not None else next(self.parameters()).device
+        drop = None
+        if self.training and self.config.label_drop_prob > 0:
+            drop = torch.rand((batch,), generator=generator, device=device)
+        times, noise = [], []
+        for length in self.layout.lengths:
+            times.append(torch.rand(batch, generator=generator, device=device, dtype=dtype))
+            noise.append(torch.randn((batch, length, self.config.channels), generator=generator,
+                                     device=device, dtype=dtype))
+        return LossNoise(drop, times, noise)
+
     def loss(
-        self, full: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        full: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        noise: LossNoise | None = None,
     ) -> FlowLoss:
         """Flow-matching loss over all scales (label dropout applied in training mode).
 
@@ -242,6 +296,7 @@ class FlowAR(nn.Module):
             full: (B, C, n, n) latent maps.
             labels: (B,) class ids.
             generator: optional generator for times, noise and label dropout.
+            noise: pre-drawn randomness (see :meth:`draw_loss_noise`); replaces ``generator``.
 
         Returns:
             total = sum_k (n_k / n_K) * mean squared velocity error at scale k.
@@ -251,19 +306,24 @@ class FlowAR(nn.Module):
                 f"expected latents of shape (B, {self.config.channels}, {self.config.size}, "
                 f"{self.config.size}), got {tuple(full.shape)}"
             )
-        if self.training:
-            labels = self.drop_labels(labels, generator)
+        batch = full.shape[0]
+        if noise is None:
+            noise = self.draw_loss_noise(batch, generator, device=full.device, dtype=full.dtype)
+        elif len(noise.times) != len(self.config.scales) or noise.times[0].shape[0] != batch:
+            raise ValueError(f"noise was drawn for another batch or model (batch {batch})")
+        if self.training and noise.drop is not None:
+            labels = torch.where(noise.drop < self.config.label_drop_prob,
+                                 self.config.null_class, labels)
         z = self.condition_all(full, labels)
         targets = scale_targets(full, self.config.scales)
-        batch = full.shape[0]
         per_scale, total = [], full.new_zeros(())
         for index, target in enumerate(targets):
             y = to_tokens(target)  # (B, n_k, C)
-            t = torch.rand(batch, generator=generator, device=full.device, dtype=full.dtype)
-            noise = torch.randn(y.shape, generator=generator, device=full.device, dtype=y.dtype)
-            x_t = (1 - t[:, None, None]) * y + t[:, None, None] * noise
+            t = noise.times[index].to(full.dtype)
+            eps = noise.noise[index].to(y.dtype)
+            x_t = (1 - t[:, None, None]) * y + t[:, None, None] * eps
             prediction = self.velocity(x_t, t, z[:, self.layout.segment(index)])
-            scale_loss = (prediction.float() - (noise - y).float()).pow(2).mean()
+            scale_loss = (prediction.float() - (eps - y).float()).pow(2).mean()
             per_scale.append(scale_loss.detach())
             total = total + scale_loss * (self.layout.lengths[index] / self.layout.lengths[-1])
         return FlowLoss(total=total, per_scale=per_scale)
