@@ -23,11 +23,16 @@ def test_matmul_counts_products_and_sums():
     assert count.total_size == a * b * c + a * b * c
 
 
-def test_linear_with_bias_folds_the_bias_into_the_sum():
+def test_linear_bias_is_one_add_whether_or_not_pytorch_fuses_it():
     layer = torch.nn.Linear(4, 6)
-    count, _ = trace_circuit(layer, torch.randn(10, 4))
-    assert nonzero(count.depth) == {"std": 1, "sum": 1}
-    assert count.size["sum"] == 60 and count.size["sum_terms"] == 60 * 5
+    x = torch.randn(2, 5, 4)
+    fused, _ = trace_circuit(layer, x)  # contiguous input: addmm
+    split, _ = trace_circuit(lambda t: layer(t.transpose(0, 1)), x)  # strided: mm + add
+    assert "addmm" in fused.by_op and "addmm" not in split.by_op
+    for count in (fused, split):
+        assert nonzero(count.depth) == {"std": 2, "sum": 1}
+        assert count.size["sum"] == 60 and count.size["sum_terms"] == 60 * 4
+        assert count.size["std"] == 60 * 4 + 60
 
 
 def test_sequential_depths_add_and_parallel_depths_take_the_max():

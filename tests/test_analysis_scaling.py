@@ -38,8 +38,11 @@ def assert_linear(depths: list[dict[str, int]]) -> None:
     assert any(steps[0].values()) and min(steps[0].values()) >= 0
 
 
-def test_depth_vector_is_the_same_for_every_n():
-    report = circuit_sweep(flowar_case_factory(micro_config(), steps=1), [4, 8, 16])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_depth_vector_is_the_same_for_every_n(channels):
+    # channels = 4 once made PyTorch pick addmm at side 1 and mm + add elsewhere.
+    config = micro_config(channels=channels)
+    report = circuit_sweep(flowar_case_factory(config, steps=1), [4, 8, 16])
     depths = [p.count.depth for p in report.points]
     assert depths[0] == depths[1] == depths[2]
     assert report.conditions["constant_depth"] and report.tc0

@@ -23,7 +23,8 @@ Accounting rules (theory brief section 2.4):
 * R1/R2: the depth of a result is the maximum over its inputs plus the op's own depth;
 * R3: an element-wise op over M entries costs M ops and the depth of one;
 * R4: a reduction of k terms costs one iterated op of k terms (depth does not grow with k);
-  a matrix product (a x b)(b x c) is a*b*c products (std) and a*c sums of b terms;
+  a matrix product (a x b)(b x c) is a*b*c products (std) and a*c sums of b terms; a bias is
+  one more element-wise add (std), whether or not PyTorch fused it into the product;
 * R5: weights, buffers, masks, index maps and everything computed from them alone (RoPE
   tables, time-step embeddings) are constants: depth 0, size 0. The inputs of the simulated
   function are the tensors passed to :meth:`CircuitTracer.mark_input` (class labels) and the
@@ -457,9 +458,15 @@ class CircuitTracer(TorchDispatchMode):
             rows, cols, batch, inner = 1, 1, 1, args[0].numel()
         beta = kwargs.get("beta", 1)
         has_bias = name.startswith("add") or name == "baddbmm" or name == "_addmm_activation"
-        bias_terms = 1 if has_bias and beta != 0 else 0
         outputs = batch * rows * cols
-        return _matmul(outputs * inner, outputs, outputs * (inner + bias_terms))
+        cost = _matmul(outputs * inner, outputs, outputs * inner)
+        if has_bias and beta != 0:
+            # PyTorch fuses the bias into the product (addmm) or adds it afterwards (mm, add)
+            # depending on memory layout; count it as the separate add in both cases so the
+            # depth does not depend on that choice.
+            size = {**cost.size, "std": cost.size["std"] + outputs}
+            cost = Cost(_add(cost.depth, _vec(std=1)), size)
+        return cost
 
     @staticmethod
     def _conv_cost(args, out) -> Cost:

@@ -26,7 +26,7 @@ from flowar.cli.common import positive_int
 from flowar.errors import UserError
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_n: list[int]) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, default_n: str) -> None:
     """Options shared by ``circuit`` and ``precision``: the model, the sizes, the sampler."""
     parser.add_argument(
         "--config", default="shipped",
@@ -34,8 +34,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_n: list[int]) -
         "checkpoint folder (default: %(default)s)",
     )
     parser.add_argument(
-        "--n", type=positive_int, nargs="+", default=default_n,
-        help="largest sides to analyse (default: %(default)s)",
+        "--n", type=positive_int, nargs="+", default=None,
+        help=f"largest sides to analyse (default: {default_n}, s = the config's largest side)",
     )
     parser.add_argument(
         "--scale-rule", choices=("rescale", "double"), default="rescale",
@@ -81,7 +81,7 @@ def register(subparsers: Any) -> None:
         description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_arguments(parser, default_n=[8, 16, 32])
+    add_model_arguments(parser, default_n="s 2s 4s")
     parser.add_argument(
         "--precision", choices=("const", "poly", "exp"), default="const",
         help="how the float precision p(n) of the circuit grows: constant (52 bits), "
@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
     config, _checkpoint = resolve_config(args.config)
     attention = attention_config(config, args)
+    if args.n is None:
+        args.n = [config.size, 2 * config.size, 4 * config.size]
     factory = flowar_case_factory(
         config, rule=args.scale_rule, steps=args.steps, attention=attention, seed=args.seed,
         batch=args.batch,

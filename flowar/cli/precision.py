@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
         description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_arguments(parser, default_n=[4, 8, 16])
+    add_model_arguments(parser, default_n="s 2s; a checkpoint runs at its own s")
     parser.add_argument("--p", type=_p_value, nargs="+",
                         default=[8, 12, 16, 20, 24, 32, 40, 52],
                         help="fraction bits to try (default: %(default)s)")
@@ -69,13 +69,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--target must be in (0, 1), got {args.target}")
     config, checkpoint = resolve_config(args.config)
     attention = attention_config(config, args)
-    ns = sorted(set(args.n))
+    ns = sorted(set(args.n or [config.size, 2 * config.size]))
     if checkpoint is not None:
         if attention is not None:
             raise UserError("--attention/--degree cannot change a checkpoint's attention here; "
                             "pass its config.json instead to use random weights")
         size = config.size
-        if args.n != [4, 8, 16] and ns != [size]:
+        if args.n is not None and ns != [size]:
             raise UserError(
                 f"a checkpoint runs at its own size n = {size}; drop --n, or pass its "
                 "config.json to use random weights at other sizes"
