@@ -110,14 +110,19 @@ def monomial_plan(head_dim: int, degree: int) -> MonomialPlan:
 
 
 def monomials(x: torch.Tensor, plan: MonomialPlan) -> torch.Tensor:
-    """All monomials of degree ``<= g`` of the last dimension: (..., d) -> (..., rank)."""
-    level = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+    """All monomials of degree ``<= g`` of the last dimension: (..., N, d) -> (..., N, rank).
+
+    Built feature-major, (..., rank, N) in memory (gathering whole rows is several times faster
+    than gathering along the last dimension); the result is a transposed view.
+    """
+    xt = x.transpose(-1, -2).contiguous()  # (..., d, N)
+    level = torch.ones(*xt.shape[:-2], 1, xt.shape[-1], dtype=x.dtype, device=x.device)
     out = [level]
     for par, crd in zip(plan.parents, plan.coords):
-        # (..., n_{j-1}) gathered to (..., n_j), times the matching coordinate of x
-        level = level[..., par.to(x.device)] * x[..., crd.to(x.device)]
+        # rows of degree j: (..., n_{j-1}, N) gathered to (..., n_j, N), times one coordinate
+        level = level[..., par.to(x.device), :] * xt[..., crd.to(x.device), :]
         out.append(level)
-    return torch.cat(out, dim=-1)
+    return torch.cat(out, dim=-2).transpose(-1, -2)  # (..., N, rank)
 
 
 def feature_weights(coeffs: np.ndarray, scale: float, plan: MonomialPlan) -> np.ndarray:
