@@ -50,6 +50,8 @@ def register(subparsers) -> None:
                          help="replace the model's attention backend")
     backend.add_argument("--degree", help="poly degree, or 'auto'")
     backend.add_argument("--target-error", type=float, help="error target for degree 'auto'")
+    backend.add_argument("--polynomial", choices=("taylor", "chebyshev"),
+                         help="poly approximation of exp (default: the model's, else taylor)")
     released = parser.add_argument_group("released FlowAR weights")
     released.add_argument("--vae", help="MAR KL-16 VAE weights (kl16.ckpt)")
     released.add_argument("--recipe", choices=("released",),
@@ -62,10 +64,13 @@ def register(subparsers) -> None:
 def attention_config(args: argparse.Namespace) -> AttentionConfig | None:
     """The backend requested on the command line, or None to keep the model's."""
     if args.attention is None:
-        if args.degree is not None or args.target_error is not None:
-            raise UserError("--degree and --target-error need --attention poly or auto")
+        if args.degree is not None or args.target_error is not None or args.polynomial:
+            raise UserError("--degree, --target-error and --polynomial need --attention poly "
+                            "or auto")
         return None
     changes = {"backend": args.attention}
+    if args.polynomial is not None:
+        changes["polynomial"] = args.polynomial
     if args.degree is not None:
         changes["degree"] = args.degree if args.degree == "auto" else _int(args.degree)
     if args.target_error is not None:

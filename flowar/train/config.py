@@ -86,6 +86,11 @@ PRESET_TRAINING: dict[str, TrainConfig] = {
         min_lr=1e-5, warmup_steps=200, ema_decay=0.999, seed=0, sample_every=500,
         checkpoint_every=500,
     ),
+    "mnist16-bounded": TrainConfig(
+        dataset="mnist", image_size=16, patch_size=2, batch_size=64, steps=4000, lr=1e-3,
+        min_lr=1e-5, warmup_steps=200, ema_decay=0.999, seed=0, sample_every=500,
+        checkpoint_every=500,
+    ),
     "tiny": TrainConfig(
         dataset="digits", image_size=4, patch_size=1, batch_size=32, steps=50, lr=1e-3,
         warmup_steps=5, sample_every=0, checkpoint_every=25,
