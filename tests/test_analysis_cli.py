@@ -73,3 +73,25 @@ def test_p_out_of_range_is_rejected_by_the_parser():
     with pytest.raises(SystemExit) as info:
         main(["precision", "--config", "tiny", "--p", "60"])
     assert info.value.code == 2
+
+
+def test_both_commands_accept_a_checkpoint_folder(tmp_path, capsys):
+    from flowar.analysis.targets import build_model
+    from flowar.io.checkpoint import save_checkpoint
+
+    config = FlowARConfig(
+        scales=(1, 2, 4), channels=1, num_classes=3, width=8, encoder_depth=1,
+        decoder_depth=1, num_heads=2,
+        flow=FlowHeadConfig(width=8, depth=1, num_heads=2, time_embed_dim=8),
+    )
+    folder = save_checkpoint(tmp_path / "ckpt", config, build_model(config).state_dict())
+    assert main(["precision", "--config", str(folder), "--p", "10", "52", "--steps", "1",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["n"] for p in report["points"]] == [4]  # a checkpoint runs at its own size
+    assert report["points"][0]["meta"]["checkpoint"] == str(folder)
+    assert report["points"][0]["rows"][0]["rel_error"] > 0
+    assert main(["precision", "--config", str(folder), "--n", "8"]) == 2
+    assert "own size" in capsys.readouterr().err
+    assert main(["circuit", "--config", str(folder), "--n", "4", "8", "--steps", "1"]) == 0
+    assert "consistent with TC0" in capsys.readouterr().out

@@ -172,3 +172,19 @@ def test_scale_rules():
         scales_for_n((1, 2, 4), 12, "double")
     with pytest.raises(ConfigError):
         scales_for_n((1, 2, 4), 8, "triple")
+
+
+def test_attention_terms_match_the_kv_cached_token_counts():
+    """Softmax row maxima cover exactly heads * (m * sum N_i P_i + T * m_f * sum N_i^2) scores:
+    the AR queries of scale i see the P_i cached keys, the flow head attends within a scale."""
+    config = micro_config(encoder_depth=1, decoder_depth=2)
+    steps = 2
+    case = flowar_case_factory(config, steps=steps)(4)
+    count, _ = trace_circuit(case.fn, *case.inputs)
+    tokens = [s * s for s in config.scales]
+    prefix = [sum(tokens[: i + 1]) for i in range(len(tokens))]
+    ar = (config.encoder_depth + config.decoder_depth) * sum(n * p for n, p in zip(tokens, prefix))
+    flow = steps * config.flow.depth * sum(n * n for n in tokens)
+    scores = config.num_heads * ar + config.flow.num_heads * flow
+    # Each score enters two max-type reductions: the softmax row max and the masked-row check.
+    assert count.size["max_terms"] == 2 * scores
