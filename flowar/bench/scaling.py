@@ -51,6 +51,7 @@ class ScalingBenchConfig:
         logit_scale: bounded-entry logit scale (the certified beta of every call).
         degree, polynomial: the poly backend.
         steps: Euler steps per scale.
+        batch: images per sampling call (amortises per-call overhead).
         repeats: timed repeats after one warm-up (best kept).
         fit_sides: (low, high) sides of the slope fit.
         count_flops: count the non-attention FLOPs with FlopCounterMode (else 0 is added).
@@ -67,6 +68,7 @@ class ScalingBenchConfig:
     degree: int = 2
     polynomial: str = "taylor"
     steps: int = 2
+    batch: int = 1
     repeats: int = 1
     fit_sides: tuple[int, int] = (32, 128)
     count_flops: bool = True
@@ -78,8 +80,8 @@ class ScalingBenchConfig:
             raise ConfigError(f"sides must be powers of two >= 2, got {self.sides}")
         if set(self.backends) - {"exact", "poly"}:
             raise ConfigError(f"scaling compares 'exact' and 'poly', got {self.backends}")
-        if self.repeats < 1 or self.steps < 1:
-            raise ConfigError("repeats and steps must be >= 1")
+        if self.repeats < 1 or self.steps < 1 or self.batch < 1:
+            raise ConfigError("repeats, steps and batch must be >= 1")
 
 
 @dataclass
@@ -156,7 +158,7 @@ def run(cfg: ScalingBenchConfig, progress: Progress | None = None) -> ScalingRep
     device = torch.device(cfg.device)
     report = ScalingReport(config=dataclasses.asdict(cfg))
     sampling = SamplingConfig(steps=cfg.steps)
-    labels = torch.tensor([1], device=device)
+    labels = torch.arange(cfg.batch, device=device) % 10
     for side in cfg.sides:
         # Same weights for every backend; non-attention FLOPs counted once, on the cheap path.
         torch.manual_seed(cfg.seed)

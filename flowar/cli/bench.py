@@ -52,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sc.add_argument("--degree", type=int, default=2)
     sc.add_argument("--polynomial", choices=("taylor", "chebyshev"), default="taylor")
     sc.add_argument("--steps", type=int, default=2, help="Euler steps per scale")
+    sc.add_argument("--batch", type=int, default=1, help="images per sampling call")
     sc.add_argument("--fit", type=_ints, default=(32, 128), help="slope-fit range of sides")
     sc.add_argument("--no-flops", action="store_true",
                     help="skip counting the non-attention FLOPs (totals = attention only)")
@@ -163,13 +164,14 @@ def _scaling(args: argparse.Namespace) -> dict:
     cfg = sb.ScalingBenchConfig(
         sides=args.sides, backends=tuple(args.backends.split(",")), width=args.width,
         heads=args.heads, depth=args.depth, logit_scale=args.logit_scale, degree=args.degree,
-        polynomial=args.polynomial, steps=args.steps, repeats=args.repeats,
+        polynomial=args.polynomial, steps=args.steps, batch=args.batch, repeats=args.repeats,
         fit_sides=tuple(args.fit), count_flops=not args.no_flops, seed=args.seed,
         device=args.device,
     )
     report = sb.run(cfg, progress=print)
     print(f"\nwhole-model sampling, head width {cfg.width // cfg.heads}, logit scale "
-          f"{cfg.logit_scale}, {cfg.steps} Euler steps per scale, device {cfg.device}")
+          f"{cfg.logit_scale}, {cfg.steps} Euler steps per scale, batch {cfg.batch}, "
+          f"device {cfg.device}")
     print(format_table(
         ["backend", "side n", "tokens", "seconds", "peak MiB", "attn GFLOP", "total GFLOP",
          "AR cache MiB", "max bound"],
