@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,46 @@ from flowar.errors import ConfigError
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _has_kind(value: Any, kind: str) -> bool:
+    """Whether ``value`` fits one alternative of a field annotation (as written)."""
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind == "float":
+        return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("tuple["):
+        inner = [k.strip() for k in kind[len("tuple["):-1].split(",")]
+        if not isinstance(value, tuple):
+            return False
+        if inner[-1] == "...":
+            return all(_has_kind(v, inner[0]) for v in value)
+        return len(value) == len(inner) and all(_has_kind(v, k) for v, k in zip(value, inner))
+    return type(value).__name__ == kind
+
+
+def check_field_types(config: Any) -> None:
+    """Raise a :class:`ConfigError` naming the first field whose value does not have the
+    annotated type (ints are not bools, floats must be finite numbers)."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        kinds = [kind.strip() for kind in str(item.type).split("|")]
+        if not any(_has_kind(value, kind) for kind in kinds):
+            hint = " (a finite number)" if "float" in kinds else ""
+            raise ConfigError(
+                f"{type(config).__name__}.{item.name} must be {item.type}{hint}, got {value!r}"
+            )
+        # numpy scalars become Python numbers, so configs stay JSON-ready.
+        if isinstance(value, numbers.Number) and type(value) not in (int, float, bool):
+            cast = int if _has_kind(value, "int") and "int" in kinds else float
+            object.__setattr__(config, item.name, cast(value))
 
 
 @dataclass(frozen=True)
@@ -43,6 +84,7 @@ class AttentionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         known = ("exact", "poly", "performer", "auto")
         _require(self.backend in known, f"attention backend must be one of {known}, "
                  f"got {self.backend!r}")
@@ -78,13 +120,17 @@ class FlowHeadConfig:
     time_embed_dim: int = 256
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _require(self.width > 0 and self.depth >= 0, "flow head width must be > 0, depth >= 0")
         _require(self.num_heads > 0 and self.width % self.num_heads == 0,
                  f"flow head: num_heads ({self.num_heads}) must divide width ({self.width})")
         _require((self.width // self.num_heads) % 4 == 0,
                  f"flow head: head width {self.width // self.num_heads} must be a multiple of 4 "
                  "for 2-D RoPE")
-        _require(self.time_embed_dim % 2 == 0, "time_embed_dim must be even")
+        _require(self.time_embed_dim >= 2 and self.time_embed_dim % 2 == 0,
+                 f"time_embed_dim must be even and >= 2, got {self.time_embed_dim}")
+        _require(int(self.width * self.mlp_ratio * 2 / 3) >= 1,
+                 f"flow head mlp_ratio {self.mlp_ratio} leaves no MLP hidden units")
 
     @property
     def head_dim(self) -> int:
@@ -136,7 +182,11 @@ class FlowARConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
+        if isinstance(self.scales, (list, tuple)) and all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in self.scales
+        ):
+            object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
+        check_field_types(self)
         s = self.scales
         _require(len(s) >= 1 and all(x >= 1 for x in s),
                  f"scales must be a non-empty list of positive sides, got {s}")
@@ -155,6 +205,9 @@ class FlowARConfig:
         _require(self.rope_grid is None or self.rope_grid >= 1, "rope_grid must be >= 1")
         _require(self.logit_scale > 0, f"logit_scale must be > 0, got {self.logit_scale}")
         _require(self.time_scale > 0, "time_scale must be > 0")
+        _require(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base}")
+        _require(int(self.width * self.mlp_ratio * 2 / 3) >= 1,
+                 f"mlp_ratio {self.mlp_ratio} leaves the AR MLP no hidden units")
 
     @property
     def head_dim(self) -> int:
@@ -203,6 +256,7 @@ class SamplingConfig:
     guidance_high: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _require(isinstance(self.steps, int) and self.steps >= 1,
                  f"steps must be a positive integer, got {self.steps!r}")
         _require(self.time_grid in ("uniform", "released"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flowar.config import check_field_types
 from flowar.errors import ConfigError
 
 
@@ -54,8 +55,11 @@ class TrainConfig:
     max_skipped: int = 10
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(self.betas))
+        if isinstance(self.betas, (list, tuple)):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        check_field_types(self)
         checks = [
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}"),
             (self.patch_size >= 1 and self.image_size % self.patch_size == 0,
              f"patch_size ({self.patch_size}) must divide image_size ({self.image_size})"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -159,6 +160,25 @@ def checkpoints_in(out_dir: Path) -> list[tuple[int, Path]]:
         if match and path.is_dir() and (path / "config.json").is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def check_run_folder(out_dir: Path) -> None:
+    """Raise a :class:`UserError` unless ``out_dir`` is, or can become, a writable folder.
+
+    Checks without creating anything, so bad input leaves no trace on disk.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"run folder {out_dir} is a file; give a folder for --out")
+    existing = out_dir
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create run folder {out_dir}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the run folder {out_dir}: {existing} is not writable")
 
 
 def remove_partial_checkpoints(out_dir: Path) -> list[Path]:
@@ -335,6 +355,7 @@ def _train(
 
     device, main = info.device, info.is_main
     log = logger.info if main else logger.debug
+    check_run_folder(out_dir)
     torch.manual_seed(train_config.seed)
     rows = distributed.shard(train_config.batch_size, info.rank, info.world_size)
 
