@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ import torch
 
 from flowar.codecs.base import Codec, PixelCodec
 from flowar.config import AttentionConfig, SamplingConfig
-from flowar.errors import CheckpointError, UserError
+from flowar.devices import parse_device
+from flowar.errors import CheckpointError, ConfigError, UserError
 from flowar.flow.sampler import generate
 from flowar.io.checkpoint import load_checkpoint
 from flowar.model import FlowAR
@@ -58,10 +60,17 @@ class Generator:
         """The checkpoint's recommended sampling settings (if any) with ``changes`` applied."""
         base = dict(self.meta.get("sampling", {}))
         base.update({k: v for k, v in changes.items() if v is not None})
+        unknown = sorted(set(base) - {f.name for f in dataclasses.fields(SamplingConfig)})
+        if unknown:
+            raise ConfigError(f"unknown sampling option(s) {unknown}; known: "
+                              f"{[f.name for f in dataclasses.fields(SamplingConfig)]}")
         return SamplingConfig(**base)
 
     def check_labels(self, labels: torch.Tensor) -> None:
-        """Raise a :class:`UserError` unless every label is a valid class id."""
+        """Raise a :class:`UserError` unless ``labels`` is a 1-D tensor of valid class ids."""
+        if labels.dim() != 1:
+            raise UserError(f"labels must be a 1-D list of class ids, got shape "
+                            f"{tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise UserError(
                 f"labels must be class ids in [0, {self.num_classes - 1}], got "
@@ -125,7 +134,7 @@ class Generator:
 def load_generator(
     checkpoint: str | Path | None = None,
     *,
-    attention: AttentionConfig | None = None,
+    attention: AttentionConfig | dict | None = None,
     device: str | torch.device = "cpu",
     use_ema: bool = True,
 ) -> Generator:
@@ -133,17 +142,29 @@ def load_generator(
 
     Args:
         checkpoint: a folder written by ``flowar train`` (or the shipped asset).
-        attention: replaces the attention backend the model was trained with.
+        attention: replaces the attention config the model was trained with; a dict changes
+            only the given fields of the model's own config (e.g. {"backend": "poly"}).
         device: where to run.
         use_ema: prefer the EMA weights when the checkpoint has them.
     """
+    device = parse_device(device)
     path = Path(checkpoint) if checkpoint is not None else shipped_model_dir()
     ckpt = load_checkpoint(path)
     config = ckpt.model_config
+    if isinstance(attention, dict):  # changes to the model's own attention config
+        attention = dataclasses.replace(config.attention, **attention)
     if attention is not None:
         config = config.replace(attention=attention)
     model = FlowAR(config)
     weights = ckpt.best_weights() if use_ema else ckpt.weights
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (config: {tuple(expected[k].shape)})"
+             for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(
+            f"{path} does not match its config: {len(wrong)} tensors have other shapes, e.g. "
+            f"{'; '.join(wrong[:2])}"
+        )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Backends may own buffers (e.g. performer features) that a checkpoint trained with
     # another backend does not have; everything else must match exactly.

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from flowar.attention import collect_stats
-from flowar.cli.common import positive_int
+from flowar.cli.common import non_negative_int, positive_int
 from flowar.config import AttentionConfig
 from flowar.errors import UserError
 from flowar.pipeline import Generator, load_generator
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     parser.add_argument("--cfg-schedule", choices=("linear", "constant"))
     parser.add_argument("--guidance-low", type=float, help="guidance only for t >= this")
     parser.add_argument("--guidance-high", type=float, help="guidance only for t <= this")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--progression", action="store_true",
                         help="write a figure with every image at every scale instead of a grid")
@@ -61,8 +61,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def attention_config(args: argparse.Namespace) -> AttentionConfig | None:
-    """The backend requested on the command line, or None to keep the model's."""
+def attention_changes(args: argparse.Namespace) -> dict | None:
+    """Changes to the model's attention config asked for on the command line (None: keep it).
+
+    Only the given fields change, so a model trained for the polynomial method keeps its own
+    polynomial and degree unless the flags say otherwise.
+    """
     if args.attention is None:
         if args.degree is not None or args.target_error is not None or args.polynomial:
             raise UserError("--degree, --target-error and --polynomial need --attention poly "
@@ -75,7 +79,7 @@ def attention_config(args: argparse.Namespace) -> AttentionConfig | None:
         changes["degree"] = args.degree if args.degree == "auto" else _int(args.degree)
     if args.target_error is not None:
         changes["target_error"] = args.target_error
-    return AttentionConfig(**changes)
+    return changes
 
 
 def _int(text: str) -> int:
@@ -87,7 +91,7 @@ def _int(text: str) -> int:
 
 def load(args: argparse.Namespace) -> tuple[Generator, object]:
     """The generator and the sampling config the arguments ask for."""
-    attention = attention_config(args)
+    attention = attention_changes(args)
     checkpoint = args.checkpoint
     overrides = dict(
         steps=args.steps, cfg=args.cfg, time_grid=args.time_grid, cfg_schedule=args.cfg_schedule,
@@ -97,7 +101,8 @@ def load(args: argparse.Namespace) -> tuple[Generator, object]:
         from flowar.io.released import load_released_generator, released_sampling_config
 
         generator = load_released_generator(
-            checkpoint, args.vae, attention=attention, heads=args.heads, preset=args.preset,
+            checkpoint, args.vae, attention=AttentionConfig(**attention) if attention else None,
+            heads=args.heads, preset=args.preset,
             device=args.device,
         )
         given = {k: v for k, v in overrides.items() if v is not None}

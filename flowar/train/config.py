@@ -91,7 +91,7 @@ PRESET_TRAINING: dict[str, TrainConfig] = {
         checkpoint_every=500,
     ),
     "mnist16-bounded": TrainConfig(
-        dataset="mnist", image_size=16, patch_size=2, batch_size=64, steps=4000, lr=1e-3,
+        dataset="mnist", image_size=16, patch_size=2, batch_size=64, steps=1500, lr=1e-3,
         min_lr=1e-5, warmup_steps=200, ema_decay=0.999, seed=0, sample_every=500,
         checkpoint_every=500,
     ),
