@@ -14,10 +14,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flowar.cli.common import load_model_config, non_negative_int, positive_int
+from flowar.devices import parse_device
 from flowar.errors import UserError
 from flowar.train import NonFiniteError, TrainConfig, train
 from flowar.train.config import PRESET_TRAINING
-from flowar.train.distributed import env_rank, parse_device
+from flowar.train.distributed import env_rank
 from flowar.train.loop import check_run_folder, export_model
 
 # CLI flag -> TrainConfig field; flags left unset keep the preset's recipe.

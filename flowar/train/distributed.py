@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from flowar.devices import parse_device
 from flowar.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -77,29 +78,6 @@ def env_rank() -> int:
 def env_world_size() -> int:
     """The number of processes as torchrun announces it (1 outside torchrun)."""
     return _env_int("WORLD_SIZE", 1)
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    """A :class:`torch.device`, with a clear error for names torch does not know or lacks."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(
-            f"unknown device {device!r}; use cpu, cuda or cuda:N"
-        ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {str(device)!r} asked for but CUDA is not available; use --device cpu"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA "
-                "device(s) visible"
-            )
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' asked for but MPS is not available; use --device cpu")
-    return device
 
 
 def setup(device: str | torch.device = "cpu") -> DistInfo:
