@@ -134,3 +134,28 @@ def test_setup_needs_the_torchrun_rendezvous(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ConfigError, match="RANK=2"):
         setup("cpu")
+
+
+@pytest.mark.slow
+def test_flowar_train_under_torchrun_matches_one_process(tmp_path):
+    """End to end: the CLI launched by torchrun (2 CPU processes) against a plain CLI run."""
+    import subprocess
+    import sys
+
+    args = ["-m", "flowar", "train", "--preset", "tiny", "--steps", "2", "--batch-size", "8",
+            "--warmup", "10", "--seed", "3"]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--nproc-per-node", str(WORLD), "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port())]
+    multi = subprocess.run(launcher + args + ["--out", str(tmp_path / "multi")], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    assert multi.stdout.count("done: 2 steps") == 1  # only rank 0 prints
+    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "single")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "multi" / "checkpoint-0000002").weights
+    b = load_checkpoint(tmp_path / "single" / "checkpoint-0000002").weights
+    for name, value in b.items():
+        torch.testing.assert_close(a[name], value, rtol=0, atol=1e-6)

@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     def on_step(step: int, metrics: dict[str, float]) -> None:
         if not bars:
             bars.append(tqdm(total=train_config.steps, initial=step - 1, desc="train",
-                             unit="step", dynamic_ncols=True, disable=not main))
+                             dynamic_ncols=True, disable=not main,
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"))
         bar = bars[0]
         bar.n = step
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}",
