@@ -75,6 +75,7 @@ def test_p_out_of_range_is_rejected_by_the_parser():
     assert info.value.code == 2
 
 
+@pytest.mark.slow
 def test_both_commands_accept_a_checkpoint_folder(tmp_path, capsys):
     from flowar.analysis.targets import build_model
     from flowar.io.checkpoint import save_checkpoint

@@ -121,6 +121,7 @@ def test_smallest_p_needs_every_larger_p_to_meet_the_target():
     assert smallest_p(rows, 1e-4, metric="abs") == 20
 
 
+@pytest.mark.slow
 def test_precision_by_n_reports_each_n():
     factory = flowar_case_factory(micro_config(), steps=1, dtype=torch.float64)
     report = precision_by_n(factory, [4, 8], [10, 52], target=1e-2)

@@ -76,6 +76,7 @@ def test_depth_is_linear_in_scales():
     assert_linear(depths)
 
 
+@pytest.mark.slow
 def test_size_exponent_tends_to_4_for_exact_attention():
     report = circuit_sweep(flowar_case_factory(micro_config(), steps=1), [8, 16, 32])
     assert report.slopes[0] < report.slopes[1] < 4.0 + 1e-6

@@ -565,8 +565,8 @@ class CircuitTracer(TorchDispatchMode):
         if self._data_scalar_reads:
             notes.append(
                 f"{self._data_scalar_reads} data-dependent values were read back to Python "
-                "(.item(), bool()); if one of them steers the computation its dependence is "
-                "not in the count"
+                "(.item(), bool(), e.g. input range checks); a read that steered the "
+                "computation would not be in the count"
             )
         return CircuitCount(
             depth=dict(zip(PRIMITIVES, depth)),

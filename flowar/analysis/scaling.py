@@ -238,7 +238,10 @@ class SweepReport:
         for name, ok in self.conditions.items():
             lines.append(f"[{'ok' if ok else 'FAIL'}] {name.replace('_', ' ')}")
         for flag in self.flags:
-            lines.append(f"WARNING {flag.code}: {flag.message}")
+            if flag.code == "note":
+                lines.append(f"note: {flag.message}")
+            else:
+                lines.append(f"WARNING {flag.code}: {flag.message}")
         lines.append(
             "verdict: " + ("constant depth, polynomial size: consistent with TC0"
                            if self.tc0 else "NOT shown to be in TC0 (see the warnings)")
