@@ -56,6 +56,9 @@ class FakeGenerator:
         data = load_dataset("digits", split="test", image_size=8)
         self.bank = {c: data.images[data.labels == c] for c in range(10)}
 
+    def default_sampling(self, **changes):
+        return SamplingConfig(**{k: v for k, v in changes.items() if v is not None})
+
     def sample(self, labels, config, *, seed, batch_size, progress=None):
         assert isinstance(config, SamplingConfig)
         self.calls.append((config, seed, batch_size))
