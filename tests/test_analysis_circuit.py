@@ -158,3 +158,14 @@ def test_weights_pick_the_critical_path():
     assert nonzero(heavy_exp.count(out).critical_path) == {"exp": 1, "std": 1}
     count, _ = trace_circuit(fn, x)
     assert nonzero(count.critical_path) == {"std": 3}
+
+
+def test_values_copied_to_numpy_are_noted():
+    def fn(x):
+        threshold = float(x.abs().amax().numpy())  # a data-dependent choice made in Python
+        return x * threshold
+
+    count, _ = trace_circuit(fn, torch.randn(4))
+    assert any(note.startswith("1 data-dependent") for note in count.notes)
+    constant, _ = trace_circuit(lambda x: x * float(torch.ones(1).numpy()[0]), torch.randn(4))
+    assert not constant.notes

@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -78,7 +79,6 @@ PRIMITIVES: tuple[str, ...] = (
     "std", "sum", "prod", "max", "exp", "log", "erf", "sqrt", "trig", "other",
 )
 _INDEX = {name: i for i, name in enumerate(PRIMITIVES)}
-_ITERATED = ("sum", "prod", "max")
 SIZE_KEYS: tuple[str, ...] = (
     "std", "sum", "sum_terms", "prod", "prod_terms", "max", "max_terms",
     "exp", "log", "erf", "sqrt", "trig", "other",
@@ -240,6 +240,23 @@ def _adaptive_window_total(in_size: int, out_size: int) -> int:
     )
 
 
+class _ReadWatcher(TorchFunctionMode):
+    """Counts data-dependent tensors copied out to numpy or Python lists (no aten op shows
+    those; ``.item()`` and ``bool()`` are seen by the dispatch mode)."""
+
+    _READS = ("numpy", "tolist")
+
+    def __init__(self, tracer: CircuitTracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self._READS and args:
+            if isinstance(args[0], torch.Tensor) and self.tracer._node_of(args[0]) is not None:
+                self.tracer._data_scalar_reads += 1
+        return func(*args, **(kwargs or {}))
+
+
 class CircuitTracer(TorchDispatchMode):
     """Traces one computation into TC0 primitive counts (see the module docstring).
 
@@ -268,6 +285,17 @@ class CircuitTracer(TorchDispatchMode):
         self.unclassified: Counter = Counter()
         self.notes: list[str] = []
         self._data_scalar_reads = 0
+
+    def __enter__(self):
+        self._watcher = _ReadWatcher(self)
+        self._watcher.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._watcher.__exit__(*exc)
 
     # ---- storage <-> node bookkeeping
 
@@ -309,7 +337,11 @@ class CircuitTracer(TorchDispatchMode):
     # ---- dispatch
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        # Decompositions must not re-enter the read watcher (a torch-function mode).
+        with torch._C.DisableTorchFunction():
+            return self._dispatch(func, args, kwargs or {})
+
+    def _dispatch(self, func, args, kwargs):
         self.ops_seen += 1
         if func in SDPA:
             out = func(*args, **kwargs)
@@ -360,7 +392,7 @@ class CircuitTracer(TorchDispatchMode):
     def _is_data(self, value: Any) -> bool:
         return isinstance(value, torch.Tensor) and self._node_of(value) is not None
 
-    def _classify(self, func, args, kwargs, out) -> Cost:  # noqa: C901 (one table lookup)
+    def _classify(self, func, args, kwargs, out) -> Cost:
         if func in _WIRING:
             return Cost()
         if func in _POINTWISE:
@@ -565,8 +597,9 @@ class CircuitTracer(TorchDispatchMode):
         if self._data_scalar_reads:
             notes.append(
                 f"{self._data_scalar_reads} data-dependent values were read back to Python "
-                "(.item(), bool(), e.g. input range checks); a read that steered the "
-                "computation would not be in the count"
+                "(.item(), bool(), .numpy(), .tolist(): input range checks, or choices such "
+                "as a polynomial degree picked from the data); a read that steers the "
+                "computation is not in the count, and can make the depth vary with the data"
             )
         return CircuitCount(
             depth=dict(zip(PRIMITIVES, depth)),
