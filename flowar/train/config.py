@@ -91,9 +91,9 @@ PRESET_TRAINING: dict[str, TrainConfig] = {
         checkpoint_every=500,
     ),
     "mnist16-bounded": TrainConfig(
-        dataset="mnist", image_size=16, patch_size=2, batch_size=64, steps=1500, lr=1e-3,
-        min_lr=1e-5, warmup_steps=200, ema_decay=0.999, seed=0, sample_every=500,
-        checkpoint_every=500,
+        dataset="mnist", image_size=16, patch_size=2, batch_size=64, steps=600, lr=1e-3,
+        min_lr=1e-5, warmup_steps=50, ema_decay=0.99, seed=0, sample_every=0,
+        checkpoint_every=300,
     ),
     "tiny": TrainConfig(
         dataset="digits", image_size=4, patch_size=1, batch_size=32, steps=50, lr=1e-3,
