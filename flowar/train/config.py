@@ -28,7 +28,7 @@ class TrainConfig:
         bf16: bf16 autocast for forward and backward.
         seed: seed of data order, times, noise and label dropout.
         log_every, sample_every, checkpoint_every: intervals in steps (0 disables).
-        keep_checkpoints: how many step checkpoints to keep (the latest is also "last").
+        keep_checkpoints: how many of the newest step checkpoints to keep.
         nonfinite: "stop" (raise) or "skip" (drop the step) on a non-finite loss or gradient.
         max_skipped: stop anyway after this many consecutive skipped steps.
     """
