@@ -35,6 +35,13 @@ def upscale(images: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(images.float(), size=(side, side), mode="nearest")
 
 
+def _world_readable(path: str | Path) -> None:
+    """Give a temporary file the permissions a plain open() would (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     """Write a uint8 (H, W, 3) array as PNG atomically (temporary file, then rename)."""
     from PIL import Image
@@ -48,6 +55,7 @@ def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     os.close(fd)
     try:
         image.save(tmp, format="PNG")
+        _world_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
