@@ -19,16 +19,22 @@ from flowar.nn.blocks import GatedGeluMLP, TimestepEmbedder, modulate, rms_norm
 BackendFactory = Callable[[int], AttentionBackend]
 
 
+def flow_self_attention(config: FlowARConfig, make_backend: BackendFactory) -> SelfAttention:
+    """The flow head's self-attention: no qkv bias, RoPE, the model's bounded-entry setting."""
+    flow = config.flow
+    return SelfAttention(
+        flow.width, flow.num_heads, make_backend(flow.head_dim), qkv_bias=False,
+        qk_norm=config.qk_norm, logit_scale=config.logit_scale, rope_base=config.rope_base,
+    )
+
+
 class FlowBlock(nn.Module):
     """Attn-MLP block; every token gets its own six modulation chunks from (t_emb + cond)."""
 
     def __init__(self, config: FlowARConfig, make_backend: BackendFactory) -> None:
         super().__init__()
         flow = config.flow
-        self.attn = SelfAttention(
-            flow.width, flow.num_heads, make_backend(flow.head_dim), qkv_bias=False,
-            qk_norm=config.qk_norm, logit_scale=config.logit_scale, rope_base=config.rope_base,
-        )
+        self.attn = flow_self_attention(config, make_backend)
         self.mlp = GatedGeluMLP(flow.width, flow.mlp_ratio)
         self.ada_lin = nn.Linear(flow.width, 6 * flow.width)
 
@@ -51,10 +57,7 @@ class FlowCrossBlock(nn.Module):
     def __init__(self, config: FlowARConfig, make_backend: BackendFactory) -> None:
         super().__init__()
         flow = config.flow
-        self.attn = SelfAttention(
-            flow.width, flow.num_heads, make_backend(flow.head_dim), qkv_bias=False,
-            qk_norm=config.qk_norm, logit_scale=config.logit_scale, rope_base=config.rope_base,
-        )
+        self.attn = flow_self_attention(config, make_backend)
         self.crossattn = CrossAttention(
             flow.width, config.width, flow.num_heads, make_backend(flow.head_dim),
             qk_norm=config.qk_norm, logit_scale=config.logit_scale, rope_base=config.rope_base,
